@@ -1,0 +1,50 @@
+"""python -m lens_jax.bench train --config CONFIG [--bucket WxH] [--layers N] [--batch B] [--steps S]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lens_jax.bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="time the jitted train step on random data of the real shapes")
+    tr.add_argument("--config", required=True)
+    tr.add_argument("--bucket", default=None, help="WxH in pixels, e.g. 1024x1024 (default: the first bucket)")
+    tr.add_argument("--layers", type=int, default=None, help="override the number of blocks (fit a smaller device)")
+    tr.add_argument("--batch", type=int, default=None, help="global batch (default: config.data.global_batch_size)")
+    tr.add_argument("--steps", type=int, default=5)
+    tr.add_argument("--warmup", type=int, default=2)
+    tr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="config override, e.g. --set model.remat=full (repeatable)")
+    args = parser.parse_args(argv)
+
+    from lens_jax import config as config_lib
+
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = _parse(value)
+    cfg = config_lib.load_config(args.config, overrides)
+    if args.command == "train":
+        from lens_jax.bench.train_step import bench_train
+
+        result = bench_train(cfg, bucket=args.bucket, layers=args.layers, batch=args.batch, steps=args.steps,
+                             warmup=args.warmup)
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def _parse(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

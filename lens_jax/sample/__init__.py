@@ -1,0 +1,1 @@
+"""Sampling: sigma schedules, the Euler flow sampler with CFG, presets, the generate CLI."""
