@@ -7,18 +7,14 @@ import sys
 
 
 def model_info(cfg) -> dict:
-    import jax
     from flax import nnx
 
     from lens_jax.budget.flops import dit_forward_flops, dit_train_flops
+    from lens_jax.models.abstract import param_count
     from lens_jax.models.codec import codec_geometry
     from lens_jax.models.dit import DiTConfig, LensDiT
     from lens_jax.models.gpt_oss import GptOssEncoder
     from lens_jax.text.encoder import encoder_config
-
-    def count(build):
-        abstract = nnx.eval_shape(build)
-        return int(sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))
 
     dit_cfg = DiTConfig.from_dict(cfg.model)
     enc_cfg = encoder_config(cfg.text_encoder)
@@ -36,8 +32,8 @@ def model_info(cfg) -> dict:
         }
     return {
         "name": cfg.name,
-        "dit_params": count(lambda: LensDiT(dit_cfg, rngs=nnx.Rngs(0))),
-        "text_encoder_params": count(lambda: GptOssEncoder(enc_cfg, rngs=nnx.Rngs(0))),
+        "dit_params": param_count(lambda: LensDiT(dit_cfg, rngs=nnx.Rngs(0))),
+        "text_encoder_params": param_count(lambda: GptOssEncoder(enc_cfg, rngs=nnx.Rngs(0))),
         "latent_channels": channels,
         "pixels_per_token": downsample,
         "buckets": buckets,

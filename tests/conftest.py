@@ -7,6 +7,14 @@ import pathlib
 
 import pytest
 
+# XLA's CPU backend spends most of a tiny test's time optimising code that then runs for
+# milliseconds: compile at -O0 here (the library itself never sets this), and share compiled
+# programs between the test process and the subprocesses it starts.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "lens_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -6,7 +6,7 @@ NNX parameter paths and the official (PyTorch) keys they hold; a torch Linear we
 becomes a kernel [in, out], reshaped where a heads axis is kept:
 
   time_linear_1 / time_linear_2   time_text_embed.timestep_embedder.linear_{1,2}
-  txt_norm.weight [L, D]          txt_norm.{0..L-1}.weight (stacked)
+  txt_norm [L, D]                 txt_norm.{0..L-1}.weight (stacked)
   txt_in.kernel [L, D, d]         txt_in.weight [d, L*D] (.T, reshape)
   img_in, norm_out_linear, proj_out    img_in, norm_out.linear, proj_out
   blocks.* (leading axis = layer i)    transformer_blocks.{i}.*:

@@ -9,6 +9,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from lens_jax.models.abstract import abstract_module
 from lens_jax.models.gpt_oss import GptOssConfig, GptOssEncoder
 from lens_jax.parallel.placement import state_shardings
 
@@ -18,8 +19,7 @@ def encoder_config(te_cfg) -> GptOssConfig:
 
 
 def abstract_encoder(cfg: GptOssConfig):
-    model = nnx.eval_shape(lambda: GptOssEncoder(cfg, rngs=nnx.Rngs(0)))
-    return nnx.split(model, nnx.Param)
+    return abstract_module(lambda: GptOssEncoder(cfg, rngs=nnx.Rngs(0)))
 
 
 def load_text_encoder(te_cfg, mesh: Mesh, save_dir: str | pathlib.Path | None = None):

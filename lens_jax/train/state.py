@@ -10,6 +10,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from lens_jax.models.abstract import abstract_module
 from lens_jax.models.dit import DiTConfig, LensDiT
 from lens_jax.parallel.placement import replicated, state_shardings
 
@@ -23,10 +24,7 @@ class TrainState:
 
 
 def abstract_dit(dit_cfg: DiTConfig):
-    """(graphdef, abstract Param state) without allocating anything."""
-    model = nnx.eval_shape(lambda: LensDiT(dit_cfg, rngs=nnx.Rngs(0)))
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params
+    return abstract_module(lambda: LensDiT(dit_cfg, rngs=nnx.Rngs(0)))
 
 
 def train_state_shardings(abstract_params, tx: optax.GradientTransformation, mesh: Mesh, use_ema: bool) -> TrainState:

@@ -44,45 +44,47 @@ def make_train_step(dit_graphdef, encoder_graphdef, codec, tx: optax.GradientTra
                     schedule: Callable, sc: StepConfig):
     """Build the (unjitted) pure step; `jit_train_step` adds shardings and donation."""
 
-    def microbatch_grads(params, frozen, mb, key):
-        k_drop, k_sigma, k_noise = jax.random.split(key, 3)
+    def microbatch_grads(params, frozen, mb):
         x0 = mb["latents"] if "latents" in mb else codec.encode(mb["images"])
         if "text_hidden" in mb:
             hidden, mask = mb["text_hidden"], mb["text_mask"].astype(bool)
         else:
             hidden, mask = text_features(encoder_graphdef, frozen, mb["text_ids"], mb["text_mask"], sc.text_offset)
-        b = x0.shape[0]
-        hidden, mask = drop_text(hidden, mask, jax.random.uniform(k_drop, (b,)) < sc.text_dropout)
-        mu = L.sigma_mu(x0.shape[1] * x0.shape[2], sc.loss_cfg)
-        sigma = L.sample_sigma(k_sigma, b, mu, sc.sigma_std)
-        eps = jax.random.normal(k_noise, x0.shape, jnp.float32)
-        xt, target = L.noisy_input(x0.astype(jnp.float32), eps, sigma)
-        weight = mb["valid"].astype(jnp.float32) if "valid" in mb else jnp.ones((b,), jnp.float32)
+        hidden, mask = drop_text(hidden, mask, mb["drop"])
+        xt, target = L.noisy_input(x0.astype(jnp.float32), mb["eps"], mb["sigma"])
+        weight = mb["valid"].astype(jnp.float32) if "valid" in mb else jnp.ones(mb["sigma"].shape, jnp.float32)
 
         def loss_fn(p):
             model = nnx.merge(dit_graphdef, p)
-            pred = model(xt, sigma, hidden, mask)
-            total, count = L.weighted_mse(pred, target, weight)
-            return total, count
+            return L.weighted_mse(model(xt, mb["sigma"], hidden, mask), target, weight)
 
         (total, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return total, count, grads
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array, frozen) -> tuple[TrainState, dict]:
         a = sc.grad_accum_steps
+        n = jax.tree.leaves(batch)[0].shape[0]
+        grid = batch["latents"].shape[1:3] if "latents" in batch else tuple(d // codec.downsample for d in batch["images"].shape[1:3])
+        k_drop, k_sigma, k_noise = jax.random.split(rng, 3)
+        # Per-example randomness is drawn for the whole batch, so accumulation over micro-batches
+        # sees exactly the draws of one large step.
+        batch = dict(batch)
+        batch["drop"] = jax.random.uniform(k_drop, (n,)) < sc.text_dropout
+        batch["sigma"] = L.sample_sigma(k_sigma, n, L.sigma_mu(grid[0] * grid[1], sc.loss_cfg), sc.sigma_std)
+        channels = batch["latents"].shape[-1] if "latents" in batch else codec.channels
+        batch["eps"] = jax.random.normal(k_noise, (n,) + tuple(grid) + (channels,), jnp.float32)
         if a == 1:
-            total, count, grads = microbatch_grads(state.params, frozen, batch, rng)
+            total, count, grads = microbatch_grads(state.params, frozen, batch)
         else:
-            micro = jax.tree.map(lambda x: x.reshape((a, x.shape[0] // a) + x.shape[1:]), batch)
-            keys = jax.random.split(rng, a)
+            micro = {k: v.reshape((a, n // a) + v.shape[1:]) for k, v in batch.items()}
             zeros = jax.tree.map(jnp.zeros_like, state.params)
 
-            def body(carry, xs):
+            def body(carry, mb):
                 t, c, g = carry
-                mt, mc, mg = microbatch_grads(state.params, frozen, xs[0], xs[1])
+                mt, mc, mg = microbatch_grads(state.params, frozen, mb)
                 return (t + mt, c + mc, jax.tree.map(jnp.add, g, mg)), None
 
-            (total, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), (micro, keys))
+            (total, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro)
         # Gradients of the SUM of per-example losses: divide by the number of valid examples.
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
@@ -93,7 +95,6 @@ def make_train_step(dit_graphdef, encoder_graphdef, codec, tx: optax.GradientTra
         if ema is not None:
             d = sc.ema_decay
             ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
-        n = jax.tree.leaves(batch)[0].shape[0]
         metrics = {
             "loss": total / denom,
             "grad_norm": grad_norm,
