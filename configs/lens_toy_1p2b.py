@@ -27,7 +27,7 @@ def get_config():
     c.model.dtype = "bfloat16"
     c.model.remat = "dots_no_batch"
 
-    c.text_encoder.model = dict(selected_layers=(5, 11, 17, 23), dtype="bfloat16", moe_impl="ragged")
+    c.text_encoder.model = dict(selected_layers=(5, 11, 17, 23), dtype="bfloat16", moe_impl="blocked")
     c.text_encoder.offset = 97
 
     c.codec.kind = "flux2"

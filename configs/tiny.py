@@ -39,7 +39,7 @@ def get_config():
         intermediate_size=64,
         sliding_window=16,
         selected_layers=(1, 3),
-        moe_impl="dense",
+        moe_impl="dense", dtype="float32",
     )
     c.text_encoder.seed = 1234
 

@@ -41,7 +41,7 @@ def micro_config(data_dir: str | os.PathLike, **overrides):
     c.text_encoder.model = dict(
         vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
         head_dim=16, num_local_experts=2, num_experts_per_tok=1, intermediate_size=32, sliding_window=8,
-        selected_layers=(0, 1), moe_impl="dense",
+        selected_layers=(0, 1), moe_impl="dense", dtype="float32",
     )
     c.codec.patch = 8
     c.data.dir = str(data_dir)
