@@ -1,17 +1,17 @@
-"""The training input pipeline (Grain): source -> per-process slice -> buckets -> batches.
+"""The training input pipeline (Grain): source -> buckets -> global batches -> this process's rows.
 
     source (shapes build or a TFDS dataset with the shared features, see tfds_shapes)
       -> bucket every record from its stored width/height (no decode), nearest log aspect ratio
-      -> per bucket: this process's slice [process_index::process_count] of the bucket's records,
-         shuffle (seeded; shuffle before repeat reshuffles every epoch), repeat,
-         map (decode PNG, resize + centre crop to the bucket, choose the caption, tokenize),
-         batch(global_batch_size // process_count, drop_remainder=True)
+      -> per bucket: shuffle (seeded, the same on every process; shuffle before repeat reshuffles
+         every epoch), repeat, map (decode PNG, resize + centre crop to the bucket, choose the
+         caption, tokenize), batch(global_batch_size // process_count, drop_remainder=True),
+         then every process_count-th batch starting at process_index
       -> deterministic weighted mix of the buckets (every process picks the same bucket at a step)
       -> to_iter_dataset(ReadOptions(worker_threads, prefetch))
 
-Slicing happens inside each bucket (not on the raw source) so that every process holds records of
-every bucket even when record sizes correlate with position (the shapes build uses its render sizes
-round-robin): the processes' slices are still disjoint and together cover the data.
+So the global batch of a step (the processes' rows in process order) is the same whatever the
+number of processes: a run on 2 hosts trains exactly the steps of a run on 1. The map is lazy, so
+each process reads and decodes only its own rows.
 
 Each batch is a dict of numpy arrays (``b = global_batch_size // process_count``):
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import logging
 from typing import Any, Sequence
@@ -219,27 +220,16 @@ class _Subset:
         return f"_Subset({len(self)} of {type(self._source).__name__})"
 
 
-def bucket_slices(sizes: np.ndarray, bucket_list: Sequence[tuple[int, int]], weights: Sequence[float],
-                  process_index: int = 0, process_count: int = 1) -> list[tuple[int, np.ndarray]]:
-    """``[(bucket id, this process's record positions)]`` for the buckets in use.
-
-    A bucket is used when its weight is positive and it holds at least ``process_count`` records
-    (decided on the global counts, so every process uses the same buckets). Slices of different
-    processes are disjoint and together cover every record of the used buckets.
-    """
+def bucket_slices(sizes: np.ndarray, bucket_list: Sequence[tuple[int, int]],
+                  weights: Sequence[float]) -> list[tuple[int, np.ndarray]]:
+    """``[(bucket id, record positions)]`` for the buckets in use (positive weight, at least one record)."""
     ids = buckets_lib.assign_buckets(sizes[:, 0], sizes[:, 1], bucket_list) if len(sizes) else \
         np.zeros((0,), np.int32)
     out = []
     for b in range(len(bucket_list)):
         members = np.flatnonzero(ids == b)
-        if weights[b] <= 0:
-            continue
-        if len(members) < process_count:
-            if len(members):
-                log.warning("bucket %dx%d has %d records, fewer than %d processes: not used",
-                            *bucket_list[b], len(members), process_count)
-            continue
-        out.append((b, members[process_index::process_count]))
+        if weights[b] > 0 and len(members):
+            out.append((b, members))
     return out
 
 
@@ -288,6 +278,9 @@ def decode_image(value: Any) -> np.ndarray | None:
         return None
 
 
+_INVALID_COUNT = itertools.count()  # process-wide, for rate-limited warnings only
+
+
 class RecordToExample:
     """Turns one record into one training example for a bucket (deterministic, thread-safe)."""
 
@@ -311,7 +304,11 @@ class RecordToExample:
             field = "dense_caption" if u < self.dense_ratio else "short_caption"
         return _as_text(record.get(field)).strip()
 
-    def invalid(self) -> dict[str, np.ndarray]:
+    def invalid(self, key: int, reason: str) -> dict[str, np.ndarray]:
+        n = next(_INVALID_COUNT) + 1
+        if n <= 10 or n % 1000 == 0:
+            log.warning("data: record %d is invalid (%s); it gets valid=0 (%d invalid records so far)",
+                        key, reason, n)
         w, h = self.bucket
         return {
             "images": np.zeros((h, w, 3), np.uint8),
@@ -328,17 +325,17 @@ class RecordToExample:
         epoch = int(index) // self.epoch_len
         caption = self.choose_caption(record, key if key >= 0 else int(index) % self.epoch_len, epoch)
         if not caption:
-            return self.invalid()
+            return self.invalid(key, "missing or empty caption")
         image = decode_image(record.get("image"))
         if image is None:
-            return self.invalid()
+            return self.invalid(key, "corrupt or unreadable image")
         try:
             image = buckets_lib.resize_crop(image, self.bucket)
             ids, mask = tokenizer_lib.tokenize(self.tokenizer, [caption], self.max_text_len)
-        except Exception:  # noqa: BLE001
-            return self.invalid()
+        except Exception as e:  # noqa: BLE001
+            return self.invalid(key, f"{type(e).__name__}: {e}")
         if not mask[0].any():
-            return self.invalid()
+            return self.invalid(key, "caption has no tokens")
         return {"images": image, "text_ids": ids[0], "text_mask": mask[0], "valid": np.float32(1.0)}
 
 
@@ -366,7 +363,7 @@ def make_train_dataset(data_cfg: Any, tokenizer, *, global_batch_size: int, seed
 
     source = open_split(data_cfg, split)
     sizes = tfds_shapes.record_sizes(source, split)
-    parts = bucket_slices(sizes, settings.buckets, settings.weights, process_index, process_count)
+    parts = bucket_slices(sizes, settings.buckets, settings.weights)
     if not parts:
         raise ValueError(f"data.buckets: no bucket with positive weight holds records "
                          f"(buckets {buckets_lib.format_sizes(settings.buckets)}, "
@@ -377,11 +374,14 @@ def make_train_dataset(data_cfg: Any, tokenizer, *, global_batch_size: int, seed
         bucket_seed = _mix64(seed, b, 0x5EED) & 0x7FFFFFFF
         fn = RecordToExample(bucket=settings.buckets[b], epoch_len=len(indices), settings=settings,
                              tokenizer=tokenizer, seed=seed)
+        # Every process walks the same global order and keeps its own rows of each global batch
+        # (local batch m = global batch k, rows of process p, with m = k * P + p): the global
+        # batch is the same for any process count, and each process decodes only its rows.
         ds = (grain.MapDataset.source(_Subset(source, indices))
               .shuffle(seed=bucket_seed)
               .repeat()
               .map_with_index(fn)
-              .batch(local_batch, drop_remainder=True))
+              .batch(local_batch, drop_remainder=True))[process_index::process_count]
         datasets.append(ds)
         weights.append(settings.weights[b])
     mixed = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)

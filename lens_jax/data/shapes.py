@@ -16,9 +16,9 @@ square render keeps only the middle half of one axis). The data pipeline therefo
 to the bucket with the nearest aspect ratio, and the render sizes should use the buckets' aspect
 ratios (e.g. render ``128x64`` for a ``128x64`` bucket): then the crop is a pure resize.
 
-Captions. :func:`dense_caption` gives 60-120 words (with the default scene config): every group's
-colour, shape, size, count and absolute position, pairwise relations of single objects, the background,
-the rendered word, and the total count. :func:`short_caption` gives alt-text under 10 words. Both vary
+Captions. :func:`dense_caption` gives 60-120 words and at most 128 word-level tokens (with the
+default scene config): every group's colour, shape, size, count and absolute position, pairwise
+relations of single objects, the background, the rendered word, and the total count. :func:`short_caption` gives alt-text under 10 words. Both vary
 templates and orderings with an rng derived from the scene, so they are pure functions of the scene.
 """
 
@@ -532,12 +532,17 @@ def _relation(a: ShapeObject, b: ShapeObject) -> str | None:
     return " and ".join(parts) if len(parts) == 2 else parts[0]
 
 
+def _n_tokens(sentences: Sequence[str]) -> int:
+    return sum(len(_tokens(s)) for s in sentences)
+
+
 def dense_caption(scene: Scene, rng: np.random.Generator | None = None, *, min_words: int = 60,
-                  max_words: int = 120) -> str:
+                  max_words: int = 120, max_tokens: int = 128) -> str:
     """A detailed caption of every object, the layout, relations, text and background.
 
-    Between ``min_words`` and ``max_words`` whitespace-separated words for the default scene config
-    (scenes with many objects may run longer: nothing is dropped that ground truth needs for counts).
+    Between ``min_words`` and ``max_words`` whitespace-separated words, and at most ``max_tokens``
+    word-tokenizer tokens (words + punctuation), for the default scene config (scenes with many
+    objects may run longer: nothing is dropped that the counts need).
     """
     rng = rng if rng is not None else _caption_rng(scene, 1)
     groups = list(scene.groups)
@@ -612,16 +617,20 @@ def dense_caption(scene: Scene, rng: np.random.Generator | None = None, *, min_w
 
     layout = _pick(rng, ((0, 1, 2, 3), (1, 2, 0, 3), (3, 1, 2, 0), (1, 2, 3, 0)))
     sentences = assemble()
+
+    def too_long(sents: Sequence[str]) -> bool:
+        return _n_words(sents) > max_words or _n_tokens(sents) > max_tokens
+
     # Too long: shorten group descriptions (largest first), then drop relations, then the inventory.
     for k in sorted(range(len(groups)), key=lambda k: -_n_words(long_groups[k])):
-        if _n_words(sentences) <= max_words:
+        if not too_long(sentences):
             break
         use_long[k] = False
         sentences = assemble()
-    while _n_words(sentences) > max_words and n_rel > 0:
+    while too_long(sentences) and n_rel > 0:
         n_rel -= 1
         sentences = assemble()
-    if _n_words(sentences) > max_words:  # group sentences state the counts too
+    if too_long(sentences):  # group sentences state the counts too
         keep_inventory = False
         sentences = assemble()
     # Too short: add generic sentences about the style.
@@ -630,7 +639,7 @@ def dense_caption(scene: Scene, rng: np.random.Generator | None = None, *, min_w
     for filler in pool:
         if _n_words(sentences) >= min_words:
             break
-        if _n_words(sentences) + len(filler.split()) <= max_words:
+        if not too_long(sentences + [filler]):
             sentences.append(filler)
     return " ".join(sentences)
 

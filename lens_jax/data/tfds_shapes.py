@@ -22,6 +22,7 @@ build never looks complete. Shapes records are written unshuffled: position ``i`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -33,7 +34,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -47,7 +48,7 @@ SHAPES_NAME = "lens_shapes"
 RECORDS_NAME = "lens_records"
 PARAMS_FILE = "lens_params.json"
 # Bump when scene sampling, rendering or captions change, so that old builds are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "eval")
 _STREAM = {"train": 0, "eval": 1}
 
@@ -70,14 +71,18 @@ def render_size_for(index: int, render_sizes: Sequence[tuple[int, int]]) -> tupl
 
 
 def default_num_workers(num_records: int) -> int:
-    """Worker processes for a build: none for small builds, else the usable cores (at most 8)."""
+    """Render processes for a build: none for small builds or machines with fewer than 4 cores.
+
+    On 2 cores a pool was measured to be no faster than rendering in the tfds writer's process
+    (~11 s for 20k 64x64 records either way), so it only pays with more cores.
+    """
     if num_records < 4096:
         return 0
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return max(0, min(8, cores)) if cores > 1 else 0
+    return min(8, cores - 1) if cores >= 4 else 0
 
 
 class _OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -116,7 +121,7 @@ class LensShapes(_OfflineBuilder):
     def _generate_examples(self, split: str):
         n = self._num[split]
         workers = default_num_workers(n) if self._num_workers is None else int(self._num_workers)
-        chunk = 512
+        chunk = 512 if workers <= 0 else max(8, min(512, -(-n // (4 * workers))))
         task = functools.partial(_records_chunk, self._seed, _STREAM[split], n, chunk, self._render_sizes,
                                  self._scene_config)
         starts = range(0, n, chunk)
@@ -249,6 +254,30 @@ def ensure_shapes_dataset(data_dir: str | os.PathLike, *, num_train: int, num_ev
         raise ValueError(f"data.dir: {str(root)!r} exists and is not a shapes dataset build; "
                          f"choose an empty or new directory")
     root.parent.mkdir(parents=True, exist_ok=True)
+    # Processes sharing a disk build once: the others wait here, then find the build complete.
+    with _file_lock(root.parent / f".{root.name}.lock"):
+        if _is_complete(root, params):
+            return str(root)
+        return _build_and_swap(root, params, scene_config, num_workers)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the rename below still keeps builds atomic
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_and_swap(root: Path, params: Mapping[str, Any], scene_config: shapes.ShapesConfig | None,
+                    num_workers: int | None) -> str:
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
     try:
         _build_into(tmp, params, scene_config, num_workers)
@@ -371,8 +400,3 @@ def record_sizes(source, split: str | None = None, *, chunk: int = 1024) -> np.n
         for k, rec in zip(idx, recs):
             out[k] = (int(rec["width"]), int(rec["height"]))
     return out
-
-
-def iter_records(source, indices: Iterable[int]) -> Iterable[dict[str, Any]]:
-    for i in indices:
-        yield source[int(i)]

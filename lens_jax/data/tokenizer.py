@@ -1,7 +1,7 @@
 """Word-level tokenizer over the shapes grammar, built offline with the ``tokenizers`` library.
 
 One token per word or punctuation mark of :data:`lens_jax.data.shapes.VOCABULARY`, so a dense caption
-of ~60-120 words is ~70-140 tokens (the toy keeps Lens's text/image token proportions; see DESIGN.md).
+of 60-120 words is 66-128 tokens (mean ~98) (the toy keeps Lens's text/image token proportions; see DESIGN.md).
 Ids are deterministic: ``<pad>=0, <unk>=1, <bos>=2, <eos>=3``, then the sorted vocabulary.
 """
 
