@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
@@ -33,6 +34,8 @@ def load_text_encoder(te_cfg, mesh: Mesh, save_dir: str | pathlib.Path | None = 
     saved = pathlib.Path(save_dir).absolute() if save_dir else None
     if source is None and saved is not None and saved.exists():
         source = saved
+    # Every process must take the same branch (the save below is collective): decide, then sync.
+    multihost_utils.sync_global_devices("lens_jax.load_text_encoder")
     if source is not None:
         if not source.exists():
             raise FileNotFoundError(f"config.text_encoder.weights: {source} does not exist")

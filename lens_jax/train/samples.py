@@ -8,6 +8,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lens_jax.parallel.placement import replicated
 from lens_jax.sample.euler import euler_sample, initial_noise
@@ -29,7 +30,7 @@ def generate_images(dit_graphdef, dit_params, enc_graphdef, enc_params, codec, t
     use_cfg = guidance != 1.0
     latents = euler_sample(dit_graphdef, dit_params, noise, sigmas, hidden, hmask,
                            jnp.zeros_like(hidden), jnp.zeros_like(hmask), jnp.float32(guidance), use_cfg=use_cfg)
-    return np.asarray(jax.device_get(codec.decode(latents)))
+    return np.asarray(multihost_utils.process_allgather(codec.decode(latents), tiled=True))
 
 
 def save_grid(path: str | pathlib.Path, images: np.ndarray, titles: list[str], references: np.ndarray | None = None):
