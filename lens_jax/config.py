@@ -128,15 +128,20 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return cfg
 
 
-def load_config(path: str | pathlib.Path, overrides: dict | None = None) -> ml_collections.ConfigDict:
-    """Load `configs/NAME.py` (its get_config()), apply dotted overrides, validate."""
+def config_from_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The `get_config()` of a config file (configs can build on each other with this)."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"lens_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cfg = module.get_config()
+    return module.get_config()
+
+
+def load_config(path: str | pathlib.Path, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """Load `configs/NAME.py` (its get_config()), apply dotted overrides, validate."""
+    cfg = config_from_file(path)
     for key, value in (overrides or {}).items():
         set_field(cfg, key, value)
     return validate(cfg)

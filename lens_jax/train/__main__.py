@@ -13,7 +13,11 @@ def main(argv):
     from lens_jax.parallel.distributed import maybe_initialize_distributed
     from lens_jax.train.loop import train
 
+    from absl import logging
+
     FLAGS = flags.FLAGS
+    if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO: keep the console to the progress bar
+        logging.set_verbosity(logging.WARNING)
     maybe_initialize_distributed()
     cfg = config_lib.validate(FLAGS.config)
     last = train(cfg, FLAGS.workdir, max_steps_this_run=FLAGS.max_steps_this_run)

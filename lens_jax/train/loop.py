@@ -10,7 +10,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from lens_jax import config as config_lib
 from lens_jax.budget.flops import dit_train_flops
@@ -112,7 +111,8 @@ def train(cfg, workdir: str | pathlib.Path, *, max_steps_this_run: int | None = 
         start = ckpt.latest_step()
         if start is not None:
             state = ckpt.restore(start, abstract_train_state(abstract_params, tx, shardings, use_ema), data_iter)
-            logging.info("resumed from step %d", start)
+            if is_main:
+                print(f"resumed from {ckpt.directory / str(start)}", flush=True)
         else:
             start = 0
             state = init_train_state(dit_cfg, tx, int(cfg.seed), shardings, use_ema)

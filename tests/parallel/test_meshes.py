@@ -114,3 +114,22 @@ def test_two_processes_match_one(single_device_run, tmp_path, shapes_data_dir):
     b = np.load(tmp_path / "final_params.npz")
     for k in a.files:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+def test_checkpoint_from_fsdp8_resumes_on_one_device(single_device_run, tmp_path, shapes_data_dir):
+    """A checkpoint written by 8 FSDP devices restores onto a 1-device mesh and trains on exactly."""
+    import shutil
+
+    sharded = tmp_path / "fsdp8"
+    _finish(_run(sharded, shapes_data_dir, devices=8, sets=MESHES["fsdp8"]))
+    single = tmp_path / "single"
+    shutil.copytree(single_device_run, single)
+    more = [f"total_steps={STEPS + 1}"]
+    runs = [_run(single, shapes_data_dir, devices=1, sets=["mesh.data=1"] + more),
+            _run(sharded, shapes_data_dir, devices=1, sets=["mesh.data=1", "mesh.fsdp=1"] + more)]
+    for p in runs:
+        _finish(p)
+    a, b = _losses(single), _losses(sharded)
+    assert len(a) == len(b) == STEPS + 1
+    np.testing.assert_allclose(b, a, rtol=1e-5)

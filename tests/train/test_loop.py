@@ -120,3 +120,36 @@ def test_info_cli_counts_without_allocating():
     b = info["buckets"]["512x512"]
     assert b["image_tokens"] == 1024 and b["text_tokens"] == 512 - 97
     assert b["train_flops_per_sample"] == pytest.approx(3 * b["forward_flops_per_sample"])
+
+
+def test_corrupt_records_are_skipped_and_counted_by_a_run(tmp_path, shapes_data_dir):
+    """A user dataset with a corrupt PNG, a truncated PNG and a missing caption trains on, counting them."""
+    from lens_jax.data import shapes, tfds_shapes
+
+    recs = shapes.make_records(seed=3, stream=0, start=0, stop=16, sizes=[(32, 32)])
+    recs[2]["image"] = b"\x89PNG\r\n\x1a\nnot an image"
+    recs[7]["image"] = recs[7]["image"][:40]
+    recs[11]["short_caption"] = ""
+    recs[11]["dense_caption"] = ""
+    builder_dir = tfds_shapes.write_tfds_dataset(tmp_path / "user_data", {"train": recs, "eval": recs[:4]})
+    cfg = micro_config(shapes_data_dir, **{"data.source": "tfds", "data.dir": builder_dir, "total_steps": 4,
+                                           "checkpoint_every": 4})
+    train(cfg, tmp_path / "run", progress=False)
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(np.isfinite(m["loss"]) for m in metrics)
+    # 4 steps x 8 = two epochs of 16 records: each bad record is met twice.
+    assert metrics[-1]["skipped_total"] == 6
+    assert sum(m["skipped"] for m in metrics) == 6
+
+
+def test_bench_train_runs_and_reports():
+    out = subprocess.run(
+        [sys.executable, "-m", "lens_jax.bench", "train", "--config", str(REPO / "configs" / "tiny.py"), "--batch", "4",
+         "--layers", "1", "--steps", "1", "--warmup", "0", "--set", "hardware.peak_flops=1e12"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    assert r["layers"] == 1 and r["batch"] == 4 and r["image_tokens"] == 64
+    assert r["step_time_s"] > 0 and np.isfinite(r["loss"])
+    assert r["mfu"] == pytest.approx(r["model_tflops_per_step"] * 1e12 / r["step_time_s"] / 1e12)

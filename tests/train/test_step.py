@@ -121,3 +121,13 @@ def test_text_dropout_one_means_every_row_is_unconditional():
             _, m = step(state, host_batch_to_global(b, mesh), jax.random.key(1), {})
         losses.append(float(m["loss"]))
     assert losses[0] == losses[1]
+
+
+def test_bf16_compute_keeps_float32_master_weights():
+    cfg = _cfg(**{"model.dtype": "bfloat16"})
+    mesh, state, step = _setup(cfg)
+    with jax.set_mesh(mesh):
+        state, m = step(state, host_batch_to_global(_batch(), mesh), jax.random.key(0), {})
+    assert np.isfinite(float(m["loss"]))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
