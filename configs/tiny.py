@@ -50,6 +50,9 @@ def get_config():
     c.codec.patch = 4
 
     c.data.num_train = 20000
+    # Simple scenes for a 10-minute CPU run: at most two medium/large objects, no counts, no words,
+    # so a short caption names everything in the picture.
+    c.data.scene = dict(max_groups=2, count_prob=0.0, text_prob=0.0, sizes=("medium", "large"))
     c.data.render_sizes = "32x32"
     c.data.buckets = "32x32"
     # Short (alt-text) captions keep the demo's joint sequence at 64 + 16 tokens, ~3x cheaper per step

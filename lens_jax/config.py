@@ -16,7 +16,7 @@ import ml_collections
 from lens_jax.models.dit import DiTConfig
 
 # Sub-dicts whose own dataclass validates them (they are free-form here).
-_FREE_FORM = ("model", "text_encoder.model")
+_FREE_FORM = ("model", "text_encoder.model", "data.scene", "codec.vae")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -42,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.codec = ml_collections.ConfigDict()
     c.codec.kind = "pixel"  # 'pixel' (space-to-depth stand-in) or 'flux2'
     c.codec.patch = 8  # pixels per token side for 'pixel'
+    c.codec.vae = {}  # Flux2VAEConfig fields for 'flux2' ({} = the real FLUX.2 VAE)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "shapes"
@@ -49,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.name = ""
     c.data.num_train = 20000
     c.data.num_eval = 256
+    c.data.dataset_seed = 0  # seed of the procedural scenes (independent of the training seed)
+    c.data.scene = {}  # ShapesConfig overrides for the procedural scenes (lens_jax/data/shapes.py)
     c.data.render_sizes = "64x64"
     c.data.buckets = "64x64"
     c.data.bucket_weights = "1"

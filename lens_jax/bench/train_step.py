@@ -39,7 +39,7 @@ def bench_train(cfg, *, bucket: str | None, layers: int | None, batch: int | Non
         shardings = train_state_shardings(abstract, tx, mesh, use_ema=False)
         state = init_train_state(dit_cfg, tx, 0, shardings, use_ema=False)
         step = jit_train_step(
-            make_train_step(graphdef, None, None, tx, learning_rate_schedule(cfg.optimizer, int(cfg.total_steps)),
+            make_train_step(graphdef, None, tx, learning_rate_schedule(cfg.optimizer, int(cfg.total_steps)),
                             step_config(cfg)),
             shardings, lambda nd: batch_sharding(mesh, nd), {}, replicated(mesh),
         )

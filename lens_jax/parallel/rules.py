@@ -33,6 +33,10 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("text_embed", None),  # the concatenated encoder features feeding txt_in
     ("freq", None),
     ("norm", None),
+    # FLUX.2 VAE convolutions (84M parameters: replicated). Kernel HWIO = (conv_kernel, conv_kernel, conv_in, conv_out).
+    ("conv_kernel", None),
+    ("conv_in", None),
+    ("conv_out", None),
     # Activations.
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),

@@ -1,7 +1,9 @@
 """The pure train step: (state, batch, rng, frozen) -> (state, metrics), jitted with explicit shardings.
 
-`frozen` holds the frozen text encoder's weights (an argument, not a constant, so a 20B encoder is
-not baked into the program, and not part of the state, so it is neither donated nor checkpointed).
+`frozen` = {"text_encoder": encoder Params, "codec": the latent codec (a pytree: the VAE's weights,
+or nothing for the pixel codec)}: arguments, not constants, so a 20B encoder and an 84M VAE are not
+baked into the program, and not part of the state, so they are neither donated nor checkpointed.
+A batch that carries `latents` / `text_hidden` (precomputed) does not touch them.
 """
 
 from __future__ import annotations
@@ -40,16 +42,17 @@ def step_config(cfg) -> StepConfig:
     )
 
 
-def make_train_step(dit_graphdef, encoder_graphdef, codec, tx: optax.GradientTransformation,
+def make_train_step(dit_graphdef, encoder_graphdef, tx: optax.GradientTransformation,
                     schedule: Callable, sc: StepConfig):
     """Build the (unjitted) pure step; `jit_train_step` adds shardings and donation."""
 
     def microbatch_grads(params, frozen, mb):
-        x0 = mb["latents"] if "latents" in mb else codec.encode(mb["images"])
+        x0 = mb["latents"] if "latents" in mb else frozen["codec"].encode(mb["images"])
         if "text_hidden" in mb:
             hidden, mask = mb["text_hidden"], mb["text_mask"].astype(bool)
         else:
-            hidden, mask = text_features(encoder_graphdef, frozen, mb["text_ids"], mb["text_mask"], sc.text_offset)
+            hidden, mask = text_features(encoder_graphdef, frozen["text_encoder"], mb["text_ids"], mb["text_mask"],
+                                         sc.text_offset)
         hidden, mask = drop_text(hidden, mask, mb["drop"])
         xt, target = L.noisy_input(x0.astype(jnp.float32), mb["eps"], mb["sigma"])
         weight = mb["valid"].astype(jnp.float32) if "valid" in mb else jnp.ones(mb["sigma"].shape, jnp.float32)
@@ -64,6 +67,7 @@ def make_train_step(dit_graphdef, encoder_graphdef, codec, tx: optax.GradientTra
     def train_step(state: TrainState, batch: dict, rng: jax.Array, frozen) -> tuple[TrainState, dict]:
         a = sc.grad_accum_steps
         n = jax.tree.leaves(batch)[0].shape[0]
+        codec = frozen.get("codec")
         grid = batch["latents"].shape[1:3] if "latents" in batch else tuple(d // codec.downsample for d in batch["images"].shape[1:3])
         k_drop, k_sigma, k_noise = jax.random.split(rng, 3)
         # Per-example randomness is drawn for the whole batch, so accumulation over micro-batches

@@ -37,7 +37,7 @@ def _setup(cfg):
     graphdef, abstract = abstract_dit(dit_cfg)
     sh = train_state_shardings(abstract, tx, mesh, use_ema)
     step = jit_train_step(
-        make_train_step(graphdef, None, None, tx, learning_rate_schedule(cfg.optimizer, 100), step_config(cfg)),
+        make_train_step(graphdef, None, tx, learning_rate_schedule(cfg.optimizer, 100), step_config(cfg)),
         sh, lambda nd: batch_sharding(mesh, nd), {}, replicated(mesh),
     )
     return mesh, init_train_state(dit_cfg, tx, 0, sh, use_ema), step
