@@ -123,9 +123,12 @@ def train(cfg, workdir: str | pathlib.Path, *, max_steps_this_run: int | None = 
                 state = state.replace(params=params, ema=params if use_ema else None)
 
         step_fn = jit_train_step(
-            make_train_step(dit_graphdef, enc_graphdef, codec, tx, schedule, step_config(cfg)),
-            shardings, lambda nd: batch_sharding(mesh, nd), enc_shardings, replicated(mesh),
+            make_train_step(dit_graphdef, enc_graphdef, tx, schedule, step_config(cfg)),
+            shardings, lambda nd: batch_sharding(mesh, nd),
+            {"text_encoder": enc_shardings, "codec": jax.tree.map(lambda _: replicated(mesh), codec)},
+            replicated(mesh),
         )
+        frozen = {"text_encoder": enc_params, "codec": codec}
         writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
         peak = peak_flops_for(jax.devices()[0], float(cfg.hardware.peak_flops))
         base_key = jax.random.key(int(cfg.seed))
@@ -144,7 +147,7 @@ def train(cfg, workdir: str | pathlib.Path, *, max_steps_this_run: int | None = 
             img_tokens = (hh // codec.downsample) * (ww // codec.downsample) if "images" in host else hh * ww
             txt_tokens = host["text_mask"].shape[1] - int(cfg.text_encoder.offset)
             batch = host_batch_to_global(host, mesh)
-            state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step), enc_params)
+            state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step), frozen)
             gb = int(cfg.data.global_batch_size)
             window_images += gb
             window_tokens += gb * (img_tokens + txt_tokens)
