@@ -62,7 +62,11 @@ class Checkpointer:
 
 
 def restore_params_only(directory: str | pathlib.Path, abstract_params: Any, step: int | None = None) -> Any:
-    """Partial restore of `state.params` from a workdir's checkpoints (for `init_from`)."""
+    """Partial restore of `state.params` from a workdir's checkpoints (for `init_from`).
+
+    Also reads converted checkpoints (lens_jax.convert), which may store bf16/fp16: every array is
+    cast to the dtype (and placed in the sharding) of its `abstract_params` leaf.
+    """
     directory = pathlib.Path(directory).absolute()
     ckpt_dir = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
     manager = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS)
@@ -70,8 +74,9 @@ def restore_params_only(directory: str | pathlib.Path, abstract_params: Any, ste
     if step is None:
         raise FileNotFoundError(f"init_from: no finished checkpoint under {ckpt_dir}")
     target = {"params": abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(target, partial_restore=True))
+        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True))
     )
     manager.close()
     return restored["state"]["params"]

@@ -1,0 +1,1 @@
+"""PyTorch references used by `lens_jax.convert.verify` and the tests (they need torch)."""
