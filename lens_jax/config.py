@@ -43,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.codec.kind = "pixel"  # 'pixel' (space-to-depth stand-in) or 'flux2'
     c.codec.patch = 8  # pixels per token side for 'pixel'
     c.codec.vae = {}  # Flux2VAEConfig fields for 'flux2' ({} = the real FLUX.2 VAE)
+    c.codec.weights = ""  # 'flux2': a converted flux2-vae dir; '' = seeded random (saved into the workdir)
+    c.codec.seed = 0
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "shapes"

@@ -15,7 +15,6 @@ from lens_jax import config as config_lib
 from lens_jax.budget.flops import dit_train_flops
 from lens_jax.budget.hardware import peak_flops_for
 from lens_jax.data import pipeline, tokenizer as tokenizer_lib
-from lens_jax.models.codec import make_codec
 from lens_jax.models.dit import DiTConfig
 from lens_jax.parallel import rules
 from lens_jax.parallel.mesh import make_mesh
@@ -23,6 +22,7 @@ from lens_jax.parallel.placement import batch_sharding, host_batch_to_global, re
 from lens_jax.text.encoder import load_text_encoder
 from lens_jax.train import samples as samples_lib
 from lens_jax.train.checkpoint import Checkpointer, restore_params_only
+from lens_jax.train.frozen import load_codec
 from lens_jax.train.metrics import MetricsWriter
 from lens_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from lens_jax.train.state import abstract_dit, abstract_train_state, init_train_state, train_state_shardings
@@ -89,7 +89,7 @@ def train(cfg, workdir: str | pathlib.Path, *, max_steps_this_run: int | None = 
 
     with jax.set_mesh(mesh):
         tok = load_tokenizer(cfg, workdir)
-        codec = make_codec(cfg.codec)
+        codec = load_codec(cfg.codec, mesh, workdir / "vae")
         enc_graphdef, enc_params, enc_shardings = load_text_encoder(cfg.text_encoder, mesh, workdir / "text_encoder")
         from lens_jax.text.encoder import encoder_config
 
