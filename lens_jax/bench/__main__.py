@@ -1,4 +1,5 @@
-"""python -m lens_jax.bench train --config CONFIG [--bucket WxH] [--layers N] [--batch B] [--steps S]"""
+"""python -m lens_jax.bench train --config CONFIG [--bucket WxH] [--layers N] [--batch B] [--steps S]
+python -m lens_jax.bench convert-memory [--layers 8] [--dtype bf16]   (peak host memory of import/export)"""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ import sys
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["convert-memory"]:  # a self-contained script with its own flags
+        from lens_jax.bench.convert_memory import main as convert_memory
+
+        convert_memory(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="python -m lens_jax.bench")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="time the jitted train step on random data of the real shapes")

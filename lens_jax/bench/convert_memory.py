@@ -1,13 +1,13 @@
 """Peak host memory of `lens_jax.convert import` / `export` on a synthetic official-layout Lens DiT.
 
-    python tests/convert/measure_memory.py [--layers 8] [--dtype bf16] [--workdir /tmp/lens_mem]
+    python -m lens_jax.bench convert-memory [--layers 8] [--dtype bf16] [--workdir /tmp/lens_mem]
 
 Writes a lens-dit checkpoint with the real widths (24 heads x 64, enc 2880, 4 text layers, 128
 channels) and `--layers` blocks of random values, tensor by tensor with lens_jax's own safetensors
 writer (sharded, with an index), then runs import and export as separate processes under
 /usr/bin/time -v and prints their maximum resident set sizes next to the checkpoint size and the
-baseline of a process that only imports the converter and builds the abstract model. Not a test
-(minutes, gigabytes): run by hand.
+baseline of a process that only imports the converter and builds the abstract model. Minutes and
+gigabytes: a benchmark, never a test.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import sys
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 
 def write_synthetic(folder: pathlib.Path, layers: int, dtype: str) -> int:
@@ -56,12 +55,12 @@ def peak_rss_mb(cmd: list[str]) -> tuple[float, str]:
     return kb / 1024, proc.stdout.strip()
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m lens_jax.bench convert-memory")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--workdir", default="/tmp/lens_mem")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     root = pathlib.Path(args.workdir)
     shutil.rmtree(root, ignore_errors=True)
     size = write_synthetic(root / "transformer", args.layers, args.dtype)
