@@ -26,6 +26,7 @@ test-venv: $(VENV)/.test-installed
 demo: $(VENV)/.installed
 	$(PY) -m lens_jax.train --config configs/tiny.py --workdir $(DEMO_DIR) --config.total_steps=$(DEMO_STEPS)
 	@echo "sample grid: $(abspath $(DEMO_DIR))/samples/latest.png"
+	$(PY) -m lens_jax.generate --weights $(DEMO_DIR) --prompt "a red circle and a blue square" --width 32 --height 32 --seed 0 --out $(DEMO_DIR)/generated.png
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q -ra tests

@@ -26,6 +26,15 @@ def main(argv=None) -> int:
     tr.add_argument("--warmup", type=int, default=2)
     tr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="config override, e.g. --set model.remat=full (repeatable)")
+    sa = sub.add_parser("sample", help="time sampling (text encoding, denoising, decoding) on random weights")
+    sa.add_argument("--config", required=True)
+    sa.add_argument("--resolution", default="1024x1024", help="WxH in pixels")
+    sa.add_argument("--preset", default="lens", choices=("lens", "turbo", "base"))
+    sa.add_argument("--steps", type=int, default=None, help="default: the preset's")
+    sa.add_argument("--batch", type=int, default=1, help="images per batch")
+    sa.add_argument("--repeats", type=int, default=2, help="timed runs after the compiling one")
+    sa.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="config override (repeatable)")
     args = parser.parse_args(argv)
 
     from lens_jax import config as config_lib
@@ -40,6 +49,12 @@ def main(argv=None) -> int:
 
         result = bench_train(cfg, bucket=args.bucket, layers=args.layers, batch=args.batch, steps=args.steps,
                              warmup=args.warmup)
+        print(json.dumps(result, indent=2))
+    elif args.command == "sample":
+        from lens_jax.bench.sample import bench_sample
+
+        result = bench_sample(cfg, resolution=args.resolution, preset=args.preset, steps=args.steps,
+                              batch=args.batch, repeats=args.repeats)
         print(json.dumps(result, indent=2))
     return 0
 

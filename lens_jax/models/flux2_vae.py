@@ -405,8 +405,8 @@ class Flux2VAE(nnx.Module):
         self.quant_conv = Conv(2 * lat, 2 * lat, 1, dtype=cfg.dtype, rngs=rngs) if cfg.use_quant_conv else None
         self.post_quant_conv = Conv(lat, lat, 1, dtype=cfg.dtype, rngs=rngs) if cfg.use_post_quant_conv else None
         n = cfg.packed_channels
-        self.bn_running_mean = nnx.BatchStat(jnp.zeros((n,), jnp.float32), sharding_names=("norm",), eager_sharding=False)
-        self.bn_running_var = nnx.BatchStat(jnp.ones((n,), jnp.float32), sharding_names=("norm",), eager_sharding=False)
+        self.bn_running_mean = nnx.BatchStat(jnp.zeros((n,), jnp.float32), out_sharding=("norm",), eager_sharding=False)
+        self.bn_running_var = nnx.BatchStat(jnp.ones((n,), jnp.float32), out_sharding=("norm",), eager_sharding=False)
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [B, H, W, in_channels] in [-1, 1] -> (mean, logvar), each [B, H/8, W/8, latent]."""

@@ -33,7 +33,7 @@ def param(rngs: nnx.Rngs | None, init: Callable, shape: Shape, axes: Axes, dtype
     if len(axes) != len(shape):
         raise ValueError(f"parameter of shape {tuple(shape)} given {len(axes)} logical axes {tuple(axes)}")
     key = rngs.params() if rngs is not None else jax.random.key(0)
-    return nnx.Param(init(key, tuple(shape), dtype), sharding_names=tuple(axes), eager_sharding=False)
+    return nnx.Param(init(key, tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 
 def fan_in_init(fan_in: int):
