@@ -199,6 +199,12 @@ class LensPipeline:
                 got = read_meta(path / sub).get("kind")
                 if got != kind:
                     raise ValueError(f"{path / sub} holds a converted {got!r}, expected {kind!r}")
+            want_layers = read_meta(path / "transformer").get("extras", {}).get("selected_layer_index")
+            enc_layers = read_meta(path / "text_encoder")["config"].get("selected_layers")
+            if want_layers is not None and enc_layers is not None and list(want_layers) != list(enc_layers):
+                raise ValueError(f"{path / 'text_encoder'} returns layers {list(enc_layers)} but the DiT reads "
+                                 f"selected_layer_index {list(want_layers)}: re-import the encoder with "
+                                 f"--selected-layers {','.join(map(str, want_layers))} (or --src the whole pipeline folder)")
             _, dit_graphdef, dit_params = load_converted(path / "transformer", mesh)
             _, enc_graphdef, enc_params = load_converted(path / "text_encoder", mesh)
             vae_meta = read_meta(path / "vae")
