@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
-DEMO_STEPS ?= 2500
+DEMO_STEPS ?= 2000
 
 .PHONY: demo test venv test-venv info bench clean
 

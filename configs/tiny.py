@@ -14,7 +14,7 @@ def get_config():
     c = base_config()
     c.name = "tiny"
     c.seed = 0
-    c.total_steps = 2500
+    c.total_steps = 2000
     c.log_every = 25
     c.checkpoint_every = 500
     c.sample_every = 500
