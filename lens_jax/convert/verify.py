@@ -185,6 +185,19 @@ def _hf_model(folder: pathlib.Path, torch, transformers):
     return model
 
 
+def _reference_layout(folder: pathlib.Path, dst, tmp: pathlib.Path, *, foreign: str, reference: str) -> pathlib.Path:
+    """The source folder, or, when it uses a naming the reference library cannot read (OpenAI `original/`,
+    BFL `ae.safetensors`), a float32 re-export of the converted weights in the reference library's layout."""
+    from lens_jax.convert.checkpoint_io import read_meta
+    from lens_jax.convert.exporter import export_checkpoint
+
+    if (read_meta(dst).get("source") or {}).get("format") != foreign:
+        return folder
+    out = tmp / f"as_{reference}"
+    export_checkpoint(dst, out, fmt=reference, dtype="float32", log=None)
+    return out
+
+
 def _verify_gpt_oss(folder: pathlib.Path, dst, seed: int, seq_len, batch: int, tmp: pathlib.Path):
     torch = _torch()
     try:
@@ -193,14 +206,9 @@ def _verify_gpt_oss(folder: pathlib.Path, dst, seed: int, seq_len, batch: int, t
         raise ConvertError(INSTALL_HINT) from None
     from flax import nnx
 
-    from lens_jax.convert.checkpoint_io import load_converted, read_meta
-    from lens_jax.convert.exporter import export_checkpoint
+    from lens_jax.convert.checkpoint_io import load_converted
 
-    meta = read_meta(dst)
-    hf_dir = folder
-    if (meta.get("source") or {}).get("format") == "original":
-        hf_dir = tmp / "as_transformers"
-        export_checkpoint(dst, hf_dir, fmt="transformers", dtype="float32", log=None)
+    hf_dir = _reference_layout(folder, dst, tmp, foreign="original", reference="transformers")
     hf = _hf_model(hf_dir, torch, transformers)
     spec, graphdef, params = load_converted(dst, dtype="float32")
     enc = nnx.merge(graphdef, params)
@@ -244,14 +252,9 @@ def _verify_vae(folder: pathlib.Path, dst, seed: int, tmp: pathlib.Path):
         raise ConvertError(INSTALL_HINT) from None
     from flax import nnx
 
-    from lens_jax.convert.checkpoint_io import load_converted, read_meta
-    from lens_jax.convert.exporter import export_checkpoint
+    from lens_jax.convert.checkpoint_io import load_converted
 
-    meta = read_meta(dst)
-    ref_dir = folder
-    if (meta.get("source") or {}).get("format") == "bfl":
-        ref_dir = tmp / "as_diffusers"
-        export_checkpoint(dst, ref_dir, fmt="diffusers", dtype="float32", log=None)
+    ref_dir = _reference_layout(folder, dst, tmp, foreign="bfl", reference="diffusers")
     ref = diffusers.AutoencoderKLFlux2.from_pretrained(str(ref_dir), torch_dtype=torch.float32).float().eval()
     spec, graphdef, state = load_converted(dst, dtype="float32")
     vae = nnx.merge(graphdef, state)
