@@ -1,5 +1,9 @@
 """python -m lens_jax.bench train --config CONFIG [--bucket WxH] [--layers N] [--batch B] [--steps S]
-python -m lens_jax.bench convert-memory [--layers 8] [--dtype bf16]   (peak host memory of import/export)"""
+python -m lens_jax.bench sample --config CONFIG [--resolution WxH] [--preset lens|turbo|base]
+python -m lens_jax.bench convert-memory [--layers 8] [--dtype bf16]   (peak host memory of import/export)
+python -m lens_jax.bench caption [--concurrency 1,8,32] [--images N] [--latency S]   (captioner vs a local server)
+python -m lens_jax.bench read ...         (dataset reader: decode + resize images/s)
+python -m lens_jax.bench precompute ...   (latents + text features images/s)"""
 
 from __future__ import annotations
 
@@ -8,13 +12,20 @@ import json
 import sys
 
 
+SCRIPTS = {
+    "convert-memory": "lens_jax.bench.convert_memory",
+    "caption": "lens_jax.bench.caption",
+    "read": "lens_jax.bench.read",
+    "precompute": "lens_jax.bench.precompute",
+}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["convert-memory"]:  # a self-contained script with its own flags
-        from lens_jax.bench.convert_memory import main as convert_memory
+    if argv[:1] and argv[0] in SCRIPTS:  # self-contained benchmarks that parse their own flags
+        import importlib
 
-        convert_memory(argv[1:])
-        return 0
+        return int(importlib.import_module(SCRIPTS[argv[0]]).main(argv[1:]) or 0)
     parser = argparse.ArgumentParser(prog="python -m lens_jax.bench")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="time the jitted train step on random data of the real shapes")
