@@ -137,22 +137,25 @@ class LensPipeline:
 
     @classmethod
     def from_dir(cls, path, mesh=None, use_ema: bool = True, *, offset: int | None = None,
-                 max_text_len: int | None = None) -> "LensPipeline":
+                 max_text_len: int | None = None, step: int | None = None) -> "LensPipeline":
         """A training workdir (config.json + checkpoints/) or a converted pipeline folder (transformer/,
-        text_encoder/, vae/, tokenizer/); see the module docstring for both layouts."""
+        text_encoder/, vae/, tokenizer/); see the module docstring for both layouts. `step` picks a
+        workdir checkpoint (default: the latest)."""
         path = pathlib.Path(path).absolute()
         if not path.is_dir():
             raise FileNotFoundError(f"--weights {path}: no such directory")
         mesh = _default_mesh() if mesh is None else mesh
         if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-            return cls._from_workdir(path, mesh, use_ema, offset, max_text_len)
+            return cls._from_workdir(path, mesh, use_ema, offset, max_text_len, step)
+        if step is not None:
+            raise ValueError(f"step={step}: only a training workdir has numbered checkpoints, {path} is not one")
         if (path / "transformer").is_dir():
             return cls._from_converted(path, mesh, offset, max_text_len)
         raise ValueError(f"{path} is neither a training workdir (config.json + checkpoints/) nor a converted "
                          f"pipeline folder (transformer/, text_encoder/, vae/, tokenizer/)")
 
     @classmethod
-    def _from_workdir(cls, path: pathlib.Path, mesh, use_ema, offset, max_text_len):
+    def _from_workdir(cls, path: pathlib.Path, mesh, use_ema, offset, max_text_len, step=None):
         from lens_jax.data import tokenizer as tokenizer_lib
         from lens_jax.models.dit import DiTConfig
         from lens_jax.parallel.placement import state_shardings
@@ -175,13 +178,14 @@ class LensPipeline:
             shardings = state_shardings(abstract, mesh)
             target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
             tree = "ema" if use_ema and float(cfg.optimizer.ema_decay) > 0 else "params"
-            params = _restore_tree(path / "checkpoints", target, tree)
+            params = _restore_tree(path / "checkpoints", target, tree, step)
         width = int(cfg.sample.width) or int(cfg.data.buckets.split(",")[0].lower().split("x")[0])
         height = int(cfg.sample.height) or int(cfg.data.buckets.split(",")[0].lower().split("x")[1])
         return cls(dit_graphdef, params, enc_graphdef, enc_params, tok, codec,
                    offset=int(cfg.text_encoder.offset) if offset is None else offset,
                    max_text_len=int(cfg.data.max_text_len) if max_text_len is None else max_text_len,
-                   mesh=mesh, default_size=(width, height), source=f"{path} ({tree})")
+                   mesh=mesh, default_size=(width, height),
+                   source=f"{path} ({tree}{'' if step is None else f', step {step}'})")
 
     @classmethod
     def _from_converted(cls, path: pathlib.Path, mesh, offset, max_text_len):
