@@ -50,6 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.source = "shapes"
     c.data.dir = ""
     c.data.name = ""
+    # source='tfds' on a dataset that is not ours: its feature names ('' = detected: image, caption, ...)
+    c.data.image_key = ""
+    c.data.caption_key = ""
+    c.data.short_caption_key = ""
     c.data.num_train = 20000
     c.data.num_eval = 256
     c.data.dataset_seed = 0  # seed of the procedural scenes (independent of the training seed)
@@ -75,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.grad_clip = 1.0
     c.optimizer.grad_accum_steps = 1
     c.optimizer.ema_decay = 0.0  # 0 disables EMA
+    c.optimizer.ema_warmup = 0.0  # > 0: decay capped at (1 + step) / (ema_warmup + step) (10 is usual); 0: off
 
     c.loss = ml_collections.ConfigDict()
     c.loss.text_dropout = 0.1

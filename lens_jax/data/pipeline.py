@@ -22,6 +22,10 @@ Each batch is a dict of numpy arrays (``b = global_batch_size // process_count``
                              is missing or empty: its image is zeros and its mask all false; the train
                              step masks it out of the loss and counts it
 
+With ``data.source='precomputed'`` (``data.dir`` = the output of ``python -m lens_jax.data.precompute``)
+the same steps hold the same examples as ``latents`` / ``text_hidden`` / ``text_mask`` / ``valid``
+instead of ``images`` / ``text_ids`` / ``text_mask`` / ``valid``; see :mod:`lens_jax.data.precomputed`.
+
 ``iter(dataset)`` is a checkpointable ``grain.DatasetIterator`` (get_state / set_state).
 """
 
@@ -42,18 +46,20 @@ from PIL import Image
 from lens_jax.data import buckets as buckets_lib
 from lens_jax.data import shapes
 from lens_jax.data import tfds_shapes
+from lens_jax.data import tfds_folder
 from lens_jax.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
 CAPTION_MODES = ("dense", "short", "mix")
-SOURCES = ("shapes", "tfds")
+SOURCES = ("shapes", "tfds", "precomputed")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
     """The ``data`` section of a run config, with the tiny-demo defaults."""
     return ml_collections.ConfigDict({
-        "source": "shapes",        # 'shapes' (procedural, built on first use) | 'tfds'
+        "source": "shapes",        # 'shapes' (procedural, built on first use) | 'tfds' | 'precomputed'
+                                   # (data.dir = the output of python -m lens_jax.data.precompute)
         "dir": "",                 # dataset dir; '' = ~/.cache/lens_jax/shapes/<params hash> for shapes
         "name": "",                # tfds dataset name (source='tfds'), read from `dir` as data_dir
         "num_train": 20000,        # shapes: train records
@@ -141,6 +147,9 @@ def validate_data_config(cfg: Any) -> DataSettings:
                                               len(bucket_list), field="data.bucket_weights"))
     name = str(_get(cfg, "name", d.name) or "")
     data_dir = str(_get(cfg, "dir", d.dir) or "")
+    if source == "precomputed" and not data_dir:
+        raise ValueError("data.dir: required when data.source='precomputed' (the --out directory of "
+                         "python -m lens_jax.data.precompute)")
     if source == "tfds" and not name and not data_dir:
         raise ValueError("data.name: required when data.source='tfds' (or set data.dir to a TFDS "
                          "builder directory)")
@@ -198,9 +207,11 @@ def open_split(data_cfg: Any, split: str):
     s = validate_data_config(data_cfg)
     if s.source == "shapes":
         return tfds_shapes.open_source(dataset_dir(data_cfg), split)
+    # Any prepared TFDS dataset: ours as is, others mapped to the shared features (see tfds_folder).
+    keys = {k: str(_get(data_cfg, k, "") or "") for k in ("image_key", "caption_key", "short_caption_key")}
     if s.name:
-        return tfds_shapes.open_tfds_source(s.name, split, data_dir=s.dir or None)
-    return tfds_shapes.open_source(s.dir, split)
+        return tfds_folder.open_tfds_dataset(s.name, split, data_dir=s.dir or None, **keys)
+    return tfds_folder.open_tfds_dataset(s.dir, split, **keys)
 
 
 class _Subset:
@@ -249,6 +260,17 @@ def _mix64(*values: int) -> int:
     return x
 
 
+def caption_field(mode: str, dense_ratio: float, seed: int, key: int, epoch: int) -> str:
+    """'dense_caption' or 'short_caption': the caption a record trains with in an epoch ('mix': a stable
+    hash of (seed, key, epoch) against dense_ratio). Shared by the raw and the precomputed pipelines."""
+    if mode == "dense":
+        return "dense_caption"
+    if mode == "short":
+        return "short_caption"
+    u = _mix64(seed, key, epoch, 0xCA) / 2.0**64
+    return "dense_caption" if u < dense_ratio else "short_caption"
+
+
 def _as_text(value: Any) -> str:
     if value is None:
         return ""
@@ -295,13 +317,7 @@ class RecordToExample:
         self.seed = int(seed)
 
     def choose_caption(self, record: dict[str, Any], key: int, epoch: int) -> str:
-        if self.caption == "dense":
-            field = "dense_caption"
-        elif self.caption == "short":
-            field = "short_caption"
-        else:
-            u = _mix64(self.seed, key, epoch, 0xCA) / 2.0**64
-            field = "dense_caption" if u < self.dense_ratio else "short_caption"
+        field = caption_field(self.caption, self.dense_ratio, self.seed, key, epoch)
         return _as_text(record.get(field)).strip()
 
     def invalid(self, key: int, reason: str) -> dict[str, np.ndarray]:
@@ -360,6 +376,11 @@ def make_train_dataset(data_cfg: Any, tokenizer, *, global_batch_size: int, seed
         raise ValueError(f"global_batch_size: {global_batch_size} is not divisible by process_count "
                          f"{process_count}")
     local_batch = global_batch_size // process_count
+    if settings.source == "precomputed":
+        from lens_jax.data import precomputed
+
+        return precomputed.make_train_dataset(settings, tokenizer, global_batch_size=global_batch_size, seed=seed,
+                                              process_index=process_index, process_count=process_count, split=split)
 
     source = open_split(data_cfg, split)
     sizes = tfds_shapes.record_sizes(source, split)
@@ -399,6 +420,11 @@ def make_eval_examples(data_cfg: Any, n: int, *, split: str | None = None) -> li
     ``image`` (uint8 [H, W, 3], or None when unreadable).
     """
     settings = validate_data_config(data_cfg)
+    if settings.source == "precomputed":  # the raw dataset the features were computed from
+        from lens_jax.data import precomputed
+
+        data_cfg = precomputed.source_data_config(settings.dir)
+        settings = validate_data_config(data_cfg)
     if n < 0:
         raise ValueError(f"n: must be >= 0, got {n}")
     if settings.source == "shapes" and settings.num_eval <= 0:
@@ -445,7 +471,7 @@ def default_tokenizer():
 
 
 __all__ = [
-    "CAPTION_MODES", "DataSettings", "RecordToExample", "bucket_slices", "dataset_dir", "decode_image",
+    "CAPTION_MODES", "DataSettings", "RecordToExample", "bucket_slices", "caption_field", "dataset_dir", "decode_image",
     "default_data_config", "default_tokenizer", "make_eval_examples", "make_train_dataset", "open_split",
     "validate_data_config",
 ]

@@ -380,9 +380,12 @@ def source_builder_dir(source) -> str | None:
 def record_sizes(source, split: str | None = None, *, chunk: int = 1024) -> np.ndarray:
     """int32 [N, 2] (width, height) of every record, in source order, without decoding any image.
 
-    Uses the ``lens_sizes-<split>.npy`` sidecar of a shapes build; otherwise reads the records' stored
-    ``width``/``height`` features (one pass over the source).
+    Uses the source's own ``lens_record_sizes()`` if it has one, the ``lens_sizes-<split>.npy`` sidecar
+    of a build; otherwise reads the records' stored ``width``/``height`` features (one pass over the source).
     """
+    own = getattr(source, "lens_record_sizes", None)  # sources that keep their own table (tfds_folder)
+    if callable(own):
+        return np.asarray(own(), np.int32)
     n = len(source)
     split = split or getattr(source, "split", None)
     bdir = source_builder_dir(source)

@@ -62,7 +62,10 @@ def sample_prompts(cfg):
         return [p.strip() for p in cfg.sample.prompts.split("|") if p.strip()], None
     examples = pipeline.make_eval_examples(cfg.data, int(cfg.sample.num_prompts))
     key = "short_caption" if cfg.data.caption == "short" else "dense_caption"
-    return [e[key] for e in examples], np.stack([e["image"] for e in examples])
+    images = [e["image"] for e in examples]
+    # a user dataset's eval images come at their own sizes (or unreadable): show them only when all are there
+    references = images if all(img is not None for img in images) else None
+    return [e[key] for e in examples], references
 
 
 def bucket_sizes(buckets: str) -> list[tuple[int, int]]:
@@ -89,12 +92,31 @@ def train(cfg, workdir: str | pathlib.Path, *, max_steps_this_run: int | None = 
 
     with jax.set_mesh(mesh):
         tok = load_tokenizer(cfg, workdir)
-        codec = load_codec(cfg.codec, mesh, workdir / "vae")
-        enc_graphdef, enc_params, enc_shardings = load_text_encoder(cfg.text_encoder, mesh, workdir / "text_encoder")
         from lens_jax.text.encoder import encoder_config
 
         dit_cfg = DiTConfig.from_dict(cfg.model)
-        check_sizes(cfg, dit_cfg, codec, encoder_config(cfg.text_encoder))
+        # data.source='precomputed': batches carry latents and text features, so the step never runs the
+        # frozen encoder and codec; they are loaded only to draw sample grids (load_frozen), after checking
+        # that they are the ones that made the features.
+        precomputed = cfg.data.source == "precomputed"
+
+        def load_frozen():
+            codec = load_codec(cfg.codec, mesh, workdir / "vae")
+            return (codec, *load_text_encoder(cfg.text_encoder, mesh, workdir / "text_encoder"))
+
+        if precomputed:
+            from types import SimpleNamespace
+
+            from lens_jax.data import precomputed as precomputed_lib
+            from lens_jax.models.codec import codec_geometry
+
+            precomputed_lib.check_run_config(cfg, tok)
+            codec = enc_graphdef = enc_params = enc_shardings = None
+            check_sizes(cfg, dit_cfg, SimpleNamespace(kind=cfg.codec.kind, channels=codec_geometry(cfg.codec)[1]),
+                        encoder_config(cfg.text_encoder))
+        else:
+            codec, enc_graphdef, enc_params, enc_shardings = load_frozen()
+            check_sizes(cfg, dit_cfg, codec, encoder_config(cfg.text_encoder))
         total = int(cfg.total_steps)
         tx = make_optimizer(cfg.optimizer, total)
         schedule = learning_rate_schedule(cfg.optimizer, total)
@@ -125,10 +147,10 @@ def train(cfg, workdir: str | pathlib.Path, *, max_steps_this_run: int | None = 
         step_fn = jit_train_step(
             make_train_step(dit_graphdef, enc_graphdef, tx, schedule, step_config(cfg)),
             shardings, lambda nd: batch_sharding(mesh, nd),
-            {"text_encoder": enc_shardings, "codec": jax.tree.map(lambda _: replicated(mesh), codec)},
+            {} if precomputed else {"text_encoder": enc_shardings, "codec": jax.tree.map(lambda _: replicated(mesh), codec)},
             replicated(mesh),
         )
-        frozen = {"text_encoder": enc_params, "codec": codec}
+        frozen = {} if precomputed else {"text_encoder": enc_params, "codec": codec}
         writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
         peak = peak_flops_for(jax.devices()[0], float(cfg.hardware.peak_flops))
         base_key = jax.random.key(int(cfg.seed))
@@ -145,7 +167,7 @@ def train(cfg, workdir: str | pathlib.Path, *, max_steps_this_run: int | None = 
             host = next(data_iter)
             b, hh, ww = host["images"].shape[:3] if "images" in host else host["latents"].shape[:3]
             img_tokens = (hh // codec.downsample) * (ww // codec.downsample) if "images" in host else hh * ww
-            txt_tokens = host["text_mask"].shape[1] - int(cfg.text_encoder.offset)
+            txt_tokens = host["text_mask"].shape[1] - (0 if "text_hidden" in host else int(cfg.text_encoder.offset))
             batch = host_batch_to_global(host, mesh)
             state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step), frozen)
             gb = int(cfg.data.global_batch_size)
@@ -172,7 +194,11 @@ def train(cfg, workdir: str | pathlib.Path, *, max_steps_this_run: int | None = 
                 ckpt.save(done, state, cfg.to_dict(), data_iter)
             sample_every = int(cfg.sample_every)
             if (sample_every and done % sample_every == 0) or done == total:
+                if precomputed:
+                    codec, enc_graphdef, enc_params, _ = load_frozen()
                 write_sample_grid(cfg, workdir, done, dit_graphdef, state, enc_graphdef, enc_params, codec, tok, mesh)
+                if precomputed:  # not held while training
+                    codec = enc_params = None
             if bar is not None:
                 bar.update(1)
         if bar is not None:

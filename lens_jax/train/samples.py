@@ -33,7 +33,7 @@ def generate_images(dit_graphdef, dit_params, enc_graphdef, enc_params, codec, t
     return np.asarray(multihost_utils.process_allgather(codec.decode(latents), tiled=True))
 
 
-def save_grid(path: str | pathlib.Path, images: np.ndarray, titles: list[str], references: np.ndarray | None = None):
+def save_grid(path: str | pathlib.Path, images: np.ndarray, titles: list[str], references=None):
     """Samples in the top row, ground-truth renders of the same scenes (if given) below, titles wrapped."""
     import matplotlib
 
