@@ -28,6 +28,7 @@ class StepConfig:
     loss_cfg: Any
     grad_accum_steps: int
     ema_decay: float
+    ema_warmup: float
     text_offset: int
 
 
@@ -38,6 +39,7 @@ def step_config(cfg) -> StepConfig:
         loss_cfg=cfg.loss,
         grad_accum_steps=int(cfg.optimizer.grad_accum_steps),
         ema_decay=float(cfg.optimizer.ema_decay),
+        ema_warmup=float(cfg.optimizer.ema_warmup),
         text_offset=int(cfg.text_encoder.offset),
     )
 
@@ -97,7 +99,12 @@ def make_train_step(dit_graphdef, encoder_graphdef, tx: optax.GradientTransforma
         params = optax.apply_updates(state.params, updates)
         ema = state.ema
         if ema is not None:
-            d = sc.ema_decay
+            d = jnp.float32(sc.ema_decay)
+            if sc.ema_warmup > 0:
+                # early on the average would be mostly the initial weights (0.999**500 = 0.61): cap the
+                # decay at (1 + t) / (warmup + t), i.e. average over roughly the last t / (warmup - 1) steps
+                t = state.step.astype(jnp.float32)
+                d = jnp.minimum(d, (1.0 + t) / (sc.ema_warmup + t))
             ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
         metrics = {
             "loss": total / denom,

@@ -109,6 +109,17 @@ def test_ema_tracks_params_and_step_is_deterministic():
         np.testing.assert_allclose(np.asarray(e), 0.5 * q + 0.5 * p, rtol=1e-6, atol=1e-7)
 
 
+def test_ema_warmup_caps_the_decay_early():
+    """With warmup w the first update uses decay min(d, 1 / w): the average forgets the init weights fast."""
+    cfg = _cfg(**{"optimizer.ema_decay": 0.999, "optimizer.ema_warmup": 4.0})
+    mesh, state, step = _setup(cfg)
+    p0 = _leaves(state)
+    with jax.set_mesh(mesh):
+        state, _ = step(state, host_batch_to_global(_batch(), mesh), jax.random.key(7), {})
+    for e, p, q in zip(jax.tree.leaves(state.ema), _leaves(state), p0):
+        np.testing.assert_allclose(np.asarray(e), 0.25 * q + 0.75 * p, rtol=1e-6, atol=1e-7)
+
+
 def test_text_dropout_one_means_every_row_is_unconditional():
     """With dropout 1, the text features cannot matter: the empty prompt (zero features, no tokens)."""
     cfg = _cfg(**{"loss.text_dropout": 1.0})
