@@ -157,6 +157,27 @@ def load_config(path: str | pathlib.Path, overrides: dict | None = None) -> ml_c
     return validate(cfg)
 
 
+def parse_value(value: str) -> Any:
+    """A command-line override value: int, float, true/false, else the string."""
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
+def parse_overrides(items) -> dict[str, Any]:
+    """['model.dtype=float32', ...] (repeatable --set flags) -> {'model.dtype': 'float32', ...}."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
 def set_field(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = cfg

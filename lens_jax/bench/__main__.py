@@ -50,10 +50,7 @@ def main(argv=None) -> int:
 
     from lens_jax import config as config_lib
 
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = _parse(value)
+    overrides = config_lib.parse_overrides(args.set)
     cfg = config_lib.load_config(args.config, overrides)
     if args.command == "train":
         from lens_jax.bench.train_step import bench_train
@@ -68,15 +65,6 @@ def main(argv=None) -> int:
                               batch=args.batch, repeats=args.repeats)
         print(json.dumps(result, indent=2))
     return 0
-
-
-def _parse(value: str):
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(value.lower(), value)
 
 
 if __name__ == "__main__":

@@ -71,14 +71,6 @@ def bench_precompute(cfg, *, images: int, batch: int | None, resolution: str | N
     }
 
 
-def _parse(value: str):
-    try:
-        return json.loads(value)
-    except ValueError:
-        pass
-    return {"true": True, "false": False}.get(value.lower(), value)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lens_jax.bench precompute")
     parser.add_argument("--config", required=True)
@@ -93,10 +85,7 @@ def main(argv=None) -> int:
 
     from lens_jax import config as config_lib
 
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = _parse(value)
+    overrides = config_lib.parse_overrides(args.set)
     cfg = config_lib.load_config(args.config, overrides)
     result = bench_precompute(cfg, images=args.images, batch=args.batch, resolution=args.resolution,
                               records_per_shard=args.records_per_shard, features_dtype=args.features_dtype,

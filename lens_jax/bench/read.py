@@ -166,10 +166,7 @@ def main(argv=None) -> int:
     if args.config:
         from lens_jax import config as config_lib
 
-        overrides = {}
-        for item in args.set:
-            key, _, value = item.partition("=")
-            overrides[key] = _parse(value)
+        overrides = config_lib.parse_overrides(args.set)
         data: Any = config_lib.load_config(args.config, overrides)
         buckets = args.buckets
     elif args.synthetic:
@@ -200,15 +197,6 @@ def main(argv=None) -> int:
     result.update(extra)
     print(json.dumps(result, indent=2))
     return 0
-
-
-def _parse(value: str):
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(value.lower(), value)
 
 
 if __name__ == "__main__":

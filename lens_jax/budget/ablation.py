@@ -247,14 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override (repeatable)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    from lens_jax.bench.__main__ import _parse
-
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected FIELD=VALUE")
-        overrides[key] = _parse(value)
+    overrides = config_lib.parse_overrides(args.set)
     cfg = config_lib.load_config(args.config, overrides)
     results = run_ablation(cfg, args.out, args.budget_flops, eval_points=args.eval_points, per_task=args.per_task,
                            arms=[a for a in args.arms.split(",") if a],

@@ -392,20 +392,34 @@ def make_train_dataset(data_cfg: Any, tokenizer, *, global_batch_size: int, seed
 
     datasets, weights = [], []
     for b, indices in parts:
-        bucket_seed = _mix64(seed, b, 0x5EED) & 0x7FFFFFFF
         fn = RecordToExample(bucket=settings.buckets[b], epoch_len=len(indices), settings=settings,
                              tokenizer=tokenizer, seed=seed)
-        # Every process walks the same global order and keeps its own rows of each global batch
-        # (local batch m = global batch k, rows of process p, with m = k * P + p): the global
-        # batch is the same for any process count, and each process decodes only its rows.
-        ds = (grain.MapDataset.source(_Subset(source, indices))
-              .shuffle(seed=bucket_seed)
-              .repeat()
-              .map_with_index(fn)
-              .batch(local_batch, drop_remainder=True))[process_index::process_count]
-        datasets.append(ds)
+        datasets.append(bucket_batches(_Subset(source, indices), fn, seed=seed, bucket_id=b, local_batch=local_batch,
+                                       process_index=process_index, process_count=process_count))
         weights.append(settings.weights[b])
-    mixed = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+    return mix_buckets(datasets, weights, settings)
+
+
+def bucket_batches(source, fn, *, seed: int, bucket_id: int, local_batch: int, process_index: int,
+                   process_count: int) -> grain.MapDataset:
+    """One bucket's batches for this process: the ONE global order every reader (raw or precomputed) uses.
+
+    Every process walks the same shuffled, repeated order and keeps its own rows of each global batch
+    (local batch m = global batch k, rows of process p, with m = k * P + p): the global batch is the same
+    for any process count, and each process reads and decodes only its rows.
+    """
+    bucket_seed = _mix64(seed, bucket_id, 0x5EED) & 0x7FFFFFFF
+    return (grain.MapDataset.source(source)
+            .shuffle(seed=bucket_seed)
+            .repeat()
+            .map_with_index(fn)
+            .batch(local_batch, drop_remainder=True))[process_index::process_count]
+
+
+def mix_buckets(datasets: Sequence[grain.MapDataset], weights: Sequence[float],
+                settings: DataSettings) -> grain.IterDataset:
+    """Buckets mixed deterministically by weight (every process picks the same bucket at a step), read ahead."""
+    mixed = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(list(datasets), list(weights))
     threads = settings.worker_threads
     prefetch = settings.prefetch if threads > 0 else 0
     return mixed.to_iter_dataset(grain.ReadOptions(num_threads=threads if prefetch > 0 else 0,

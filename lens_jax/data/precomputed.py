@@ -327,7 +327,7 @@ def check_data_settings(settings, manifest: dict, directory) -> None:
 def make_train_dataset(settings, tokenizer, *, global_batch_size: int, seed: int, process_index: int,
                        process_count: int, split: str = "train") -> grain.IterDataset:
     """The precomputed counterpart of `pipeline.make_train_dataset` (arguments already validated there)."""
-    from lens_jax.data.pipeline import _mix64
+    from lens_jax.data.pipeline import bucket_batches, mix_buckets
 
     directory = pathlib.Path(settings.dir).expanduser().absolute()
     manifest = read_manifest(directory)
@@ -357,23 +357,12 @@ def make_train_dataset(settings, tokenizer, *, global_batch_size: int, seed: int
                                   latent_shape=manifest["latent_shapes"][bucket_name(size)],
                                   text_shape=manifest["text_shape"], latents_dtype=manifest["latents_dtype"],
                                   features_dtype=manifest["features_dtype"])
-        bucket_seed = _mix64(seed, b, 0x5EED) & 0x7FFFFFFF
-        # Exactly the chain of pipeline.make_train_dataset: same global order, same rows per process.
-        ds = (grain.MapDataset.source(source)
-              .shuffle(seed=bucket_seed)
-              .repeat()
-              .map_with_index(fn)
-              .batch(local_batch, drop_remainder=True))[process_index::process_count]
-        datasets.append(ds)
+        datasets.append(bucket_batches(source, fn, seed=seed, bucket_id=b, local_batch=local_batch,
+                                       process_index=process_index, process_count=process_count))
         weights.append(settings.weights[b])
     if not datasets:
         raise ValueError(f"data.buckets: no bucket with positive weight holds precomputed records in {directory}")
-    mixed = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-    threads = settings.worker_threads
-    prefetch = settings.prefetch if threads > 0 else 0
-    return mixed.to_iter_dataset(grain.ReadOptions(num_threads=threads if prefetch > 0 else 0,
-                                                   prefetch_buffer_size=prefetch))
-
+    return mix_buckets(datasets, weights, settings)
 
 __all__ = [
     "FORMAT_VERSION", "MANIFEST", "PLAN", "KINDS", "PrecomputedToExample", "check_run_config", "decode_record",
