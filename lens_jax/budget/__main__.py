@@ -1,6 +1,7 @@
 """python -m lens_jax.budget estimate --config CONFIG --schedule SCHEDULE --hardware a100 [--mfu 0.4]
                                    [--price-per-hour X] [--measured-mfu-from WORKDIR] [--json]
 python -m lens_jax.budget compare [--json]
+python -m lens_jax.budget ablate-captions [--config configs/caption_ablation.py] [--budget-flops X] [--out DIR]
 
 A thin command line over lens_jax.budget.estimate and lens_jax.budget.published (which the tests call).
 """

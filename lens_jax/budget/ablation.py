@@ -4,7 +4,7 @@ training FLOPs, each scored by ShapesEval at the same FLOPs checkpoints.
 Equal FLOPs means equal *executed* model FLOPs: per step, the DiT's training FLOPs plus the frozen text
 encoder's forward over the padded text length each arm trains with (lens_jax.budget.flops), so the
 text tokens a caption style adds are paid for with fewer steps. Each arm's text length is the longest
-caption of its kind, rounded up to 8 and capped by the config's data.max_text_len; the mixed arm pads
+caption of its kind, rounded up to 8 (at most 512); the mixed arm pads
 every row to the dense length (no sequence packing), which is what it costs in this trainer.
 
 Resumable: each arm trains in ``OUT/arms/<arm>/`` (a normal training workdir: rerunning resumes from
@@ -29,6 +29,7 @@ PROMPT_STYLES = ("short", "dense")
 DEFAULT_CONFIG = "configs/caption_ablation.py"
 # Sized so the three arms train in ~40 minutes on a 2-core CPU (see README "Caption density").
 DEFAULT_BUDGET_FLOPS = 4.5e13
+MAX_TEXT_LEN = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +114,10 @@ def plan_arms(cfg, budget_flops: float, *, eval_points: int = 4, arms: Sequence[
     if bad or not arms:
         raise ValueError(f"--arms: unknown {bad or list(arms)}; choose from {list(ARMS)}")
     lengths = caption_token_lengths(cfg)
-    cap = int(cfg.data.max_text_len)
+    # The arm, not the config, decides the caption style, so its text length follows its captions (the config's
+    # data.max_text_len may be sized for short captions, as in configs/tiny.py); 512 is the official maximum.
     offset = int(cfg.text_encoder.offset)
-    text_len = {k: min(cap, 8 * math.ceil((int(v.max()) + offset) / 8)) for k, v in lengths.items()}
+    text_len = {k: min(MAX_TEXT_LEN, 8 * math.ceil((int(v.max()) + offset) / 8)) for k, v in lengths.items()}
     ratio = float(cfg.data.dense_ratio)
     width, height, image_tokens = _image_tokens(cfg)
     batch = int(cfg.data.global_batch_size)

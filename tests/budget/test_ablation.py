@@ -13,7 +13,8 @@ from conftest import micro_config
 def ablation(tmp_path_factory, shapes_data_dir):
     from lens_jax.budget.ablation import plan_arms, run_ablation
 
-    cfg = micro_config(shapes_data_dir, **{"sample.steps": 2, "data.max_text_len": 160, "log_every": 1})
+    # micro_config's data.max_text_len (32) is sized for nothing in particular: each arm sizes its own text
+    cfg = micro_config(shapes_data_dir, **{"sample.steps": 2, "log_every": 1})
     out = tmp_path_factory.mktemp("ablation")
     one_step_dense = plan_arms(cfg, 1e15, eval_points=1, arms=["dense"])[0].flops_per_step
     budget = 4.5 * one_step_dense  # dense: 2 checkpoints of 2 steps; short: more, cheaper steps
@@ -35,6 +36,7 @@ def test_arms_spend_equal_flops_and_pay_for_their_text(ablation):
     assert plans["dense"]["flops_per_step"] > plans["short"]["flops_per_step"]
     assert plans["dense"]["steps"] < plans["short"]["steps"]
     assert plans["mix"]["max_text_len"] == plans["dense"]["max_text_len"]
+    assert plans["dense"]["max_text_len"] >= 100 > 32 >= plans["short"]["max_text_len"]  # dense captions are not cut
     assert plans["dense"]["mean_text_tokens"] > plans["mix"]["mean_text_tokens"] > plans["short"]["mean_text_tokens"]
     assert plans["short"]["text_image_ratio"] == pytest.approx(plans["short"]["mean_text_tokens"] / 16)
 
@@ -61,6 +63,7 @@ def test_report_plots_and_json(ablation):
     report = (out / "report.md").read_text()
     for text in ("text/image tokens", "dense", "mix", "short", "shapeseval_vs_flops.png", "Ranking"):
         assert text in report
+    assert "Warning: 16 image tokens" in report  # micro images are far below the real model's proportions
 
 
 def test_rerun_resumes_from_cached_work(ablation):
