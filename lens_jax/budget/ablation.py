@@ -199,13 +199,16 @@ def run_ablation(cfg, out_dir: str | os.PathLike, budget_flops: float, *, eval_p
     items = shapes_eval.make_eval_items(per_task, seed=eval_seed, scene_config=_scene_config(cfg))
     ground_truth = shapes_eval.summarize(shapes_eval.score_images(
         shapes_eval.render_ground_truth(items, width, height), items, prompt_style=prompt_styles[0], seed=eval_seed))
+    # the floor: what the detector passes on images that hold no drawing at all (uniform noise, same items)
+    noise = np.random.default_rng(eval_seed).integers(0, 256, (len(items), height, width, 3), dtype=np.uint8)
+    floor = shapes_eval.summarize(shapes_eval.score_images(noise, items, prompt_style=prompt_styles[0], seed=eval_seed))
     (out / "plan.json").write_text(json.dumps({
         "budget_flops": budget_flops, "config": cfg.to_dict(), "arms": [p.to_dict() for p in plans],
         "eval": {"per_task": per_task, "items": len(items), "prompt_styles": list(prompt_styles),
                  "seed": eval_seed, "text_len": eval_text_len, "width": width, "height": height},
     }, indent=1, default=str))
 
-    results = {"budget_flops": budget_flops, "arms": {}, "ground_truth": ground_truth,
+    results = {"budget_flops": budget_flops, "arms": {}, "ground_truth": ground_truth, "noise_floor": floor,
                "eval": {"per_task": per_task, "items": len(items), "prompt_styles": list(prompt_styles),
                         "width": width, "height": height}}
     for plan in plans:

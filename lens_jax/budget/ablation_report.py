@@ -44,6 +44,9 @@ def plot_scores(results: dict, path: pathlib.Path) -> None:
         gt = results.get("ground_truth", {}).get("overall")
         if gt is not None:
             ax.axhline(gt, color="gray", ls=":", lw=1, label="ground-truth renders")
+        floor = results.get("noise_floor", {}).get("overall")
+        if floor is not None:
+            ax.axhline(floor, color="gray", ls="--", lw=1, label="uniform-noise images")
         ax.set_title(f"ShapesEval overall, {style} prompts")
         ax.set_xlabel("training FLOPs")
         ax.set_ylabel("score (mean of task means)")
@@ -154,7 +157,11 @@ def write_report(results: dict, out: pathlib.Path) -> pathlib.Path:
     lines += ["", "## Final scores", ""]
     if gt:
         lines.append(f"Ground-truth renders score {gt['overall']:.3f} with the same detector (the ceiling).")
-        lines.append("")
+    floor = results.get("noise_floor")
+    if floor:
+        lines.append(f"Uniform-noise images score {floor['overall']:.3f} (the floor: detector false positives; per task "
+                     + ", ".join(f"{t} {v:.2f}" for t, v in floor["tasks"].items()) + ").")
+    lines.append("")
     for style in styles:
         lines += [f"### {style} prompts", "", "| arm | overall | " + " | ".join(tasks) + " |",
                   "|---|---|" + "---|" * len(tasks)]

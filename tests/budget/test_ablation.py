@@ -50,6 +50,7 @@ def test_report_plots_and_json(ablation):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     scores = json.loads((out / "scores.json").read_text())
     assert scores["ground_truth"]["overall"] >= 0.98  # the detector's ceiling on this world
+    assert scores["noise_floor"]["overall"] < 0.5  # and its floor: noise images are not drawings
     for arm, r in scores["arms"].items():
         assert [c["step"] for c in r["checkpoints"]] == r["plan"]["eval_steps"]
         for c in r["checkpoints"]:
