@@ -243,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget-flops", type=float, default=DEFAULT_BUDGET_FLOPS,
                         help=f"training FLOPs per arm (default {DEFAULT_BUDGET_FLOPS:.3g})")
     parser.add_argument("--out", default="runs/caption_ablation")
-    parser.add_argument("--eval-points", type=int, default=4, help="evaluated checkpoints per arm, equally spaced in FLOPs")
+    parser.add_argument("--eval-points", type=int, default=2,
+                        help="evaluated checkpoints per arm, equally spaced in FLOPs (each costs ~2 CPU minutes at the default)")
     parser.add_argument("--per-task", type=int, default=12, help="ShapesEval prompts per task")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of dense,mix,short")
     parser.add_argument("--prompt-styles", default=",".join(PROMPT_STYLES),
