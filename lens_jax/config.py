@@ -138,15 +138,20 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return cfg
 
 
-def config_from_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """The `get_config()` of a config file (configs can build on each other with this)."""
+def load_python_file(path: str | pathlib.Path, kind: str = "config"):
+    """Import a Python file by path (config and schedule files are Python, not a package's modules)."""
     path = pathlib.Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"lens_config_{path.stem}", path)
+        raise FileNotFoundError(f"{kind} file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"lens_{kind}_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module
+
+
+def config_from_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The `get_config()` of a config file (configs can build on each other with this)."""
+    return load_python_file(path, "config").get_config()
 
 
 def load_config(path: str | pathlib.Path, overrides: dict | None = None) -> ml_collections.ConfigDict:

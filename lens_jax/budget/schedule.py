@@ -38,7 +38,6 @@ and the field (`configs/schedules/x.py: stages[1].per_device_batch: ...`):
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import pathlib
 from typing import Any, Mapping, Sequence
@@ -304,12 +303,10 @@ def parse_schedule(raw: Any, source: str = "<schedule>", px_per_token: int = 16)
 
 def load_schedule(path: str | pathlib.Path, px_per_token: int = 16) -> Schedule:
     """Run a schedule file's get_schedule() and validate it."""
+    from lens_jax.config import load_python_file
+
     path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"schedule file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"lens_schedule_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_python_file(path, "schedule")
     if not hasattr(module, "get_schedule"):
         raise ScheduleError(f"{path}: no get_schedule() function")
     return parse_schedule(module.get_schedule(), source=str(path), px_per_token=px_per_token)
